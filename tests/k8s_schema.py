@@ -10,7 +10,8 @@ would on create:
 2. CEL: every ``x-kubernetes-validations`` rule is evaluated with cel-python, bound to
    the value at its schema node, with a thin layer for what cel-python lacks against the
    Kubernetes CEL environment: values typed by the schema's ``format`` (duration,
-   date-time), escaped property names (``__namespace__``, ``__dash__``, ...), heterogeneous
+   date-time), escaped property names (``__namespace__``, ``__dash__``, ...) next to the raw
+   ones, heterogeneous
    ``==``/``!=`` (as cel-go), a ``has()`` that errors when the object path before the
    last field is missing, and the functions ``isURL`` and ``url``. Rules that use
    ``oldSelf`` are transition rules that the server runs only on update, so they are
@@ -135,9 +136,13 @@ def to_cel(value: Any, schema: dict[str, Any]) -> Any:
         converted = {}
         for key, item in value.items():
             child = properties.get(key) or (additional if isinstance(additional, dict) else {})
-            # Declared properties are fields (escaped names); additionalProperties maps keep raw keys.
-            name = escape_property_name(key) if key in properties else key
-            converted[celtypes.StringType(name)] = to_cel(item, child)
+            converted[celtypes.StringType(key)] = to_cel(item, child)
+            # The API server unescapes a field name before the lookup, so a declared property
+            # answers to its raw and its escaped spelling (`namespace` and `__namespace__`).
+            # NOTE: size() or iteration over such an object counts the alias as well.
+            escaped = escape_property_name(key)
+            if key in properties and escaped != key:
+                converted[celtypes.StringType(escaped)] = to_cel(item, child)
         return celtypes.MapType(converted)
     if isinstance(value, list):
         return celtypes.ListType([to_cel(item, schema.get("items", {})) for item in value])
