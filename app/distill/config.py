@@ -44,10 +44,12 @@ class FidelityCheckConfig(_Strict):
         True,
         description="Compare the converted teacher's logits with transformers before training (skip only for teachers too large to load twice).",
     )
-    num_sequences: PositiveInt = Field(2, description="Held-in sample sequences scored by both implementations (count).")
-    sequence_length: PositiveInt = Field(64, description="Tokens per sample sequence (tokens).")
+    num_sequences: PositiveInt = Field(4, description="Training-data sequences scored by both implementations (count).")
+    sequence_length: PositiveInt = Field(
+        128, description="Tokens per sample sequence, at most data.sequence_length (tokens)."
+    )
     min_top1_agreement: float = Field(
-        0.98, ge=0.0, le=1.0, description="Lowest accepted share of positions where both pick the same top-1 token (fraction)."
+        0.97, ge=0.0, le=1.0, description="Lowest accepted share of positions where both pick the same top-1 token (fraction)."
     )
     max_logit_diff: float = Field(
         1.0, gt=0.0, description="Largest accepted absolute difference of any logit between the two implementations (logits)."

@@ -59,13 +59,21 @@ def open_source(source: SourceConfig, streaming: bool):
     import datasets
 
     datasets.disable_progress_bars()
-    if source.type == "hub":
-        dataset = datasets.load_dataset(source.path, name=source.subset, split=source.split, streaming=streaming)
-    else:
-        dataset = datasets.load_dataset(
-            _BUILDERS[source.type], data_files={source.split: _data_files(source)}, split=source.split,
-            streaming=streaming,
-        )
+    try:
+        if source.type == "hub":
+            dataset = datasets.load_dataset(source.path, name=source.subset, split=source.split, streaming=streaming)
+        else:
+            dataset = datasets.load_dataset(
+                _BUILDERS[source.type], data_files={source.split: _data_files(source)}, split=source.split,
+                streaming=streaming,
+            )
+    except (StopIteration, datasets.data_files.EmptyDatasetError):
+        # datasets raises a bare StopIteration when a json file has no rows.
+        raise InvalidInputError(
+            f"data source {source.label!r} has no records in split {source.split!r}; point it at non-empty data"
+        ) from None
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise InvalidInputError(f"data source {source.label!r} could not be opened: {error}") from error
     if not streaming:
         dataset = dataset.to_iterable_dataset()
     return dataset
@@ -170,15 +178,17 @@ class TextStream:
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
 
         self.datasets = []
+        self._start_states = []
         for source in config.sources:
             dataset = open_source(source, config.streaming)
-            check_source(source, dataset)
             if config.shuffle_buffer > 0:
                 dataset = dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer)
+            self._start_states.append(copy.deepcopy(dataset.state_dict()))
+            check_source(source, dataset)
             self.datasets.append(dataset)
 
         self.position = position or StreamPosition(
-            sources=[dataset.state_dict() for dataset in self.datasets], passes=[0] * len(self.datasets)
+            sources=copy.deepcopy(self._start_states), passes=[0] * len(self.datasets)
         )
         if len(self.position.sources) != len(self.datasets):
             raise InvalidInputError(
@@ -205,7 +215,7 @@ class TextStream:
                 "data source %r finished pass %d; starting again from its beginning",
                 self.config.sources[index].label, self.position.passes[index],
             )
-            self.datasets[index].load_state_dict(_fresh_state(self.datasets[index]))
+            self.datasets[index].load_state_dict(copy.deepcopy(self._start_states[index]))
             self._iterators[index] = None
         raise InvalidInputError(f"data source {self.config.sources[index].label!r} yields no records")
 
@@ -231,21 +241,6 @@ class TextStream:
         position = copy.deepcopy(self.position)
         position.rng_state = self.rng.bit_generator.state
         return position
-
-
-def _fresh_state(dataset) -> dict[str, Any]:
-    state = dataset.state_dict()
-    return _reset_counters(state)
-
-
-def _reset_counters(state: Any) -> Any:
-    # A datasets IterableDataset state is a nested dict of shard and example indices; zeroing
-    # them rewinds the source to its first record.
-    if isinstance(state, dict):
-        return {key: (0 if key in ("shard_idx", "shard_example_idx") else _reset_counters(value)) for key, value in state.items()}
-    if isinstance(state, list):
-        return [_reset_counters(item) for item in state]
-    return state
 
 
 def batches(
