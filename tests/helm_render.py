@@ -91,7 +91,7 @@ def find(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def config_map(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    """Return the ConfigMap that holds the experiment config (other ConfigMaps may exist)."""
+    """Return the ConfigMap that contains the experiment config (other ConfigMaps may exist)."""
     matches = [item for item in objects if item["kind"] == "ConfigMap" and "config.yaml" in item.get("data", {})]
     assert len(matches) == 1, f"expected one ConfigMap with config.yaml, found {len(matches)}"
     return matches[0]

@@ -8,12 +8,11 @@ would on create:
    which hides typos), ``x-kubernetes-int-or-string`` accepts both types,
    ``x-kubernetes-preserve-unknown-fields`` keeps any field and ``nullable`` admits null.
 2. CEL: every ``x-kubernetes-validations`` rule is evaluated with cel-python, bound to
-   the value at its schema node, with a thin layer for what cel-python lacks against the
+   the value at its schema node. A thin layer adds what cel-python lacks against the
    Kubernetes CEL environment: values typed by the schema's ``format`` (duration,
    date-time), escaped property names (``__namespace__``, ``__dash__``, ...) next to the raw
-   ones, heterogeneous
-   ``==``/``!=`` (as cel-go), a ``has()`` that errors when the object path before the
-   last field is missing, and the functions ``isURL`` and ``url``. Rules that use
+   ones, heterogeneous ``==``/``!=`` (as cel-go), a ``has()`` that errors when the object
+   path before the last field is missing, and the function ``isURL``. Rules that use
    ``oldSelf`` are transition rules that the server runs only on update, so they are
    skipped. A rule that cannot be compiled or evaluated is reported as a violation, so a
    CRD upgrade with new rules fails loudly instead of passing.
@@ -138,7 +137,7 @@ def to_cel(value: Any, schema: dict[str, Any]) -> Any:
             child = properties.get(key) or (additional if isinstance(additional, dict) else {})
             converted[celtypes.StringType(key)] = to_cel(item, child)
             # The API server unescapes a field name before the lookup, so a declared property
-            # answers to its raw and its escaped spelling (`namespace` and `__namespace__`).
+            # resolves under its raw and its escaped spelling (`namespace` and `__namespace__`).
             # NOTE: size() or iteration over such an object counts the alias as well.
             escaped = escape_property_name(key)
             if key in properties and escaped != key:
