@@ -131,17 +131,18 @@ def test_mixture_is_deterministic_and_weighted(tmp_path):
 
 
 def test_position_restores_exact_stream(tmp_path):
-    left = write_jsonl(tmp_path / "left.jsonl", [f"{i} {i + 1}" for i in range(1, 40)])
+    # Left documents span several blocks, so batch boundaries fall inside a document.
+    left = write_jsonl(tmp_path / "left.jsonl", [" ".join(str(i + k) for k in range(13)) for i in range(1, 40)])
     right = write_jsonl(tmp_path / "right.jsonl", [f"{i}" for i in range(100, 140)])
     config = data_config({"type": "jsonl", "path": str(left)}, {"type": "jsonl", "path": str(right)})
-    uninterrupted = batches(TextStream(config, WordTokenizer(), seed=3), 2)
+    uninterrupted = batches(TextStream(config, WordTokenizer(), seed=3), 3)
     expected = [next(uninterrupted)[0] for _ in range(6)]
 
-    first = batches(TextStream(config, WordTokenizer(), seed=3), 2)
+    first = batches(TextStream(config, WordTokenizer(), seed=3), 3)
     for _ in range(3):
         _batch, position = next(first)
     saved = json.loads(json.dumps(position.to_json()))
-    resumed = batches(TextStream(config, WordTokenizer(), seed=3, position=StreamPosition.from_json(saved)), 2)
+    resumed = batches(TextStream(config, WordTokenizer(), seed=3, position=StreamPosition.from_json(saved)), 3)
     for index in range(3, 6):
         batch, _ = next(resumed)
         assert batch["input_ids"].tolist() == expected[index]["input_ids"].tolist()

@@ -223,19 +223,28 @@ class TextStream:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
 
     def blocks(self) -> Iterator[dict[str, np.ndarray]]:
-        """Yield training blocks forever; `snapshot()` between two blocks gives a resumable position."""
+        """Yield training blocks forever; `snapshot()` between two blocks gives a resumable position.
+
+        Tokens not yet cut into a block stay in `position.carry` until the moment their block is
+        yielded, so a snapshot taken at any batch boundary loses and repeats nothing.
+        """
         length = self.config.sequence_length
         while True:
+            carry = self.position.carry
+            if self.config.packing and len(carry) >= length + 1:
+                ready, _rest = pack_tokens(carry[: length + 1], length)
+                self.position.carry = carry[length:]
+                self.position.blocks += 1
+                yield ready[0]
+                continue
             index = int(self.rng.choice(len(self.datasets), p=self.weights))
             tokens = self._tokenize(self._next_text(index))
             self.position.sources[index] = self.datasets[index].state_dict()
             if self.config.packing:
-                ready, self.position.carry = pack_tokens(self.position.carry + tokens, length)
-            else:
-                ready = [pad_document(tokens, length, self.pad_id)]
-            for block in ready:
-                self.position.blocks += 1
-                yield block
+                self.position.carry = self.position.carry + tokens
+                continue
+            self.position.blocks += 1
+            yield pad_document(tokens, length, self.pad_id)
 
     def snapshot(self) -> StreamPosition:
         position = copy.deepcopy(self.position)

@@ -19,9 +19,10 @@ from distill.exitcodes import InvalidInputError
 logger = logging.getLogger(__name__)
 
 # A teacher embedding matrix may have more rows than the tokenizer has tokens: checkpoints pad
-# the vocabulary to a hardware-friendly multiple (Qwen3: 151,936 rows for 151,669 tokens, 0.18%
+# the vocabulary to a hardware-friendly multiple (Qwen3: 151,936 rows for 151,669 tokens, 267
 # extra). Rows past the tokenizer are never produced as input and are dropped from the output.
-# More extra rows than this share means the tokenizer belongs to another model.
+# More extra rows than both limits below means the tokenizer belongs to another model.
+MAX_VOCAB_PADDING_ROWS = 256
 MAX_VOCAB_PADDING_FRACTION = 0.01
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -114,7 +115,7 @@ def check_vocabulary(teacher_rows: int, tokenizer_size: int) -> bool:
     if teacher_rows == tokenizer_size:
         return False
     padding = teacher_rows - tokenizer_size
-    if 0 < padding <= MAX_VOCAB_PADDING_FRACTION * tokenizer_size:
+    if 0 < padding <= max(MAX_VOCAB_PADDING_ROWS, MAX_VOCAB_PADDING_FRACTION * tokenizer_size):
         return True
     raise InvalidInputError(
         f"vocabulary mismatch: the teacher's embedding has {teacher_rows} rows but the tokenizer has "
