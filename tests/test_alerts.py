@@ -18,8 +18,7 @@ import yaml
 
 from helm_render import find, render
 
-PROMTOOL = shutil.which("promtool")
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: run scripts/install-prometheus.sh")
+PROMTOOL = shutil.which("promtool") or "promtool-not-installed"
 
 NAMESPACE = "ml"  # helm_render.template renders into this namespace
 EXPERIMENT = "exp"  # and with this release name, which is the default experiment name
@@ -33,6 +32,12 @@ def series(name: str, values: str, worker: int = 0, experiment: str = EXPERIMENT
 
 def alert(severity: str) -> dict:
     return {"exp_labels": {"severity": severity, "namespace": NAMESPACE, "experiment": EXPERIMENT}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def require_promtool():
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool not found; install it with `sudo scripts/install-prometheus.sh`")
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,9 @@ def test_exporter_port_in_use_names_fix(metrics):
     assert "metrics.port" in str(error.value)
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: run scripts/install-prometheus.sh")
 def test_scraped_body_passes_promtool(metrics):
+    if PROMTOOL is None:
+        pytest.fail("promtool not found; install it with `sudo scripts/install-prometheus.sh`")
     metrics.set_info(num_slices=2, hosts_per_slice=4, accelerator="tpu-v4-podslice", tpu_type="v4-64", total_steps=100)
     metrics.set_flops_per_token(6e9, total_chips=32, peak_flops_per_chip=275e12)
     metrics.record_step(**step_arguments(1))

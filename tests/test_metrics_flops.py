@@ -6,7 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from distill.flops import ModelShape, forward_flops_per_token, peak_flops_per_chip, training_flops_per_token
+from distill.config import StudentConfig
+from distill.flops import (
+    ModelShape,
+    forward_flops_per_token,
+    peak_flops_per_chip,
+    student_shape,
+    training_flops_per_token,
+)
 from distill.topology import UnknownTpuTypeError, load_topology_table
 
 TEACHER = ModelShape(
@@ -102,3 +109,11 @@ def test_peak_unknown_on_cpu():
 def test_peak_unknown_tpu_type_raises():
     with pytest.raises(UnknownTpuTypeError, match="v9-8"):
         peak_flops_per_chip("v9-8")
+
+
+def test_student_shape_from_config():
+    student = StudentConfig(
+        num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64,
+    )
+    assert student_shape(student, 49152) == ModelShape(4, 256, 768, 4, 2, 64, 49152)

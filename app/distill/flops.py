@@ -27,6 +27,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from distill.config import StudentConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,6 +77,19 @@ class ModelShape:
             head_dim=int(head_dim),
             vocab_size=int(config["vocab_size"]),
         )
+
+
+def student_shape(student: StudentConfig, vocab_size: int) -> ModelShape:
+    """Return the shape of the student described by the experiment config."""
+    return ModelShape(
+        num_layers=student.num_hidden_layers,
+        hidden_size=student.hidden_size,
+        intermediate_size=student.intermediate_size,
+        num_attention_heads=student.num_attention_heads,
+        num_key_value_heads=student.num_key_value_heads,
+        head_dim=student.head_dim,
+        vocab_size=vocab_size,
+    )
 
 
 def forward_flops_per_token(shape: ModelShape, sequence_length: int) -> float:
