@@ -45,6 +45,12 @@ def _prepare_environment(config: Config) -> None:
     os.environ.setdefault("COMPILE_FUNC_DIR", str(cache / "easydel-compile"))
 
 
+def _restart_attempt() -> int | None:
+    """Return JobSet's restart count when the chart passes it to the pod, else None."""
+    value = os.environ.get("DISTILL_RESTART_ATTEMPT", "")
+    return int(value) if value.isdigit() else None
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -186,6 +192,7 @@ def run_training(config: Config, config_path: str | None = None) -> int:
     from distill.checkpoints import CheckpointStore
     from distill.data import StreamPosition, TextStream, batches, fixed_blocks, local_rows
     from distill.fidelity import check_teacher_fidelity
+    from distill.flops import ModelShape, peak_flops_per_chip, student_shape, training_flops_per_token
     from distill.metrics import TrainingMetrics, WorkerIdentity
     from distill.models import build_student, count_parameters, load_teacher, load_tokenizer
     from distill.training.step import build_nll_fn, build_train_step, global_batch, learning_rate_schedule, optimizer
@@ -251,6 +258,24 @@ def run_training(config: Config, config_path: str | None = None) -> int:
 
     identity = WorkerIdentity(config.experiment.name, layout.worker_index, layout.slice_index)
     metrics = TrainingMetrics(config.metrics, identity)
+    metrics.set_info(
+        num_slices=layout.num_slices,
+        hosts_per_slice=layout.hosts_per_slice,
+        accelerator=layout.accelerator,
+        tpu_type=layout.tpu_type or "",
+        total_steps=total_steps,
+        restart_attempt=_restart_attempt(),
+    )
+    flops_per_token = training_flops_per_token(
+        ModelShape.from_hf_config({**teacher.hf_config, "vocab_size": vocab_size}),
+        student_shape(config.student, vocab_size),
+        config.data.sequence_length,
+    )
+    metrics.set_flops_per_token(
+        flops_per_token,
+        total_chips=jax.device_count(),
+        peak_flops_per_chip=peak_flops_per_chip(layout.tpu_type if layout.accelerator == "tpu" else None),
+    )
     metrics.start()
     if latest is not None:
         metrics.record_resume(step=start_step)
