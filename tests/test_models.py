@@ -116,7 +116,7 @@ def test_fidelity_passes_for_real_teacher(assets, real_blocks):
     teacher = load_teacher(TeacherConfig(path=folder, dtype="float32"), tokenizer_size=49152, tensor_parallel_size=1)
     report = check_teacher_fidelity(FidelityCheckConfig(), teacher.module, folder, real_blocks, 49152)
     assert report.top1_agreement >= 0.97
-    assert report.max_logit_diff < 1.0
+    assert report.max_logit_diff < 2.0
     assert abs(report.easydel_perplexity - report.reference_perplexity) / report.reference_perplexity < 0.01
 
 

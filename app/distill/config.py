@@ -52,7 +52,7 @@ class FidelityCheckConfig(_Strict):
         0.97, ge=0.0, le=1.0, description="Lowest accepted share of positions where both pick the same top-1 token (fraction)."
     )
     max_logit_diff: float = Field(
-        1.0, gt=0.0, description="Largest accepted absolute difference of any logit between the two implementations (logits)."
+        2.0, gt=0.0, description="Largest accepted absolute difference of any logit between the two implementations (logits)."
     )
 
 
