@@ -106,7 +106,7 @@ def check_source(source: SourceConfig, dataset) -> None:
 
 @dataclass
 class StreamPosition:
-    """Where a mixed stream stands: enough to continue it exactly after a restart."""
+    """Position of a mixed stream, with enough state to continue it exactly after a restart."""
 
     sources: list[dict[str, Any]] = field(default_factory=list)
     passes: list[int] = field(default_factory=list)
@@ -132,7 +132,7 @@ def pack_tokens(buffer: list[int], sequence_length: int) -> tuple[list[dict[str,
     """Cut full blocks from a token buffer; return the blocks and the tokens left over.
 
     A block needs sequence_length + 1 tokens because its last label is the next block's first
-    token; consecutive blocks therefore share one token, and no position loses its label.
+    token. Consecutive blocks therefore share one token, and no position loses its label.
     """
     blocks = []
     start = 0

@@ -1,7 +1,7 @@
 """Teacher fidelity check: the converted EasyDeL teacher must match transformers on real text.
 
-EasyDeL converts a checkpoint by reading its config into its own classes; a field it does not
-read silently takes a default and the teacher becomes a different model that still produces
+EasyDeL converts a checkpoint by reading its config into its own classes. A field it does not
+read silently takes a default, and the teacher becomes a different model that still produces
 plausible text. This check scores the same token blocks with both implementations and rejects
 the run when they disagree beyond the configured tolerance. Measured on SmolLM2-135M (fp32,
 CPU, 4 x 128 KJV tokens): a faithful conversion gives a largest logit difference of 0.4 to 0.7

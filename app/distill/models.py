@@ -2,7 +2,7 @@
 
 Both models use the same EasyDeL sharding axes (dp, fsdp, ep, tp, sp) = (1, -1, 1, tp, 1), so
 the parameters are sharded FSDP-style over every device of every process, with optional tensor
-parallelism, and the jitted distillation step sees a single mesh.
+parallelism, and the jitted distillation step runs on a single mesh.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def load_teacher(
         actual = getattr(module.config, key, None)
         if actual is not None and actual != expected:
             raise InvalidInputError(
-                f"EasyDeL's teacher config has {key}={actual!r} but the checkpoint says {expected!r}; "
+                f"EasyDeL's teacher config has {key}={actual!r} but the checkpoint's config.json has {expected!r}; "
                 f"this EasyDeL version does not honour the field"
             )
     if truncate:

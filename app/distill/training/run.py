@@ -37,7 +37,8 @@ class RunTotals:
 
 
 def _prepare_environment(config: Config) -> None:
-    # easydel initialises jax.distributed on import unless told not to; runtime.py owns that.
+    # easydel initialises jax.distributed on import unless ENABLE_DISTRIBUTED_INIT=0, and
+    # distill.runtime is the one place that starts the distributed runtime.
     os.environ["ENABLE_DISTRIBUTED_INIT"] = "0"
     # Keep EasyDeL's compile cache out of $HOME (read-only in the container) and per run, since
     # XLA:CPU entries compiled on another CPU model can crash with SIGILL.
@@ -131,7 +132,7 @@ def _resolve_total_steps(config: Config, tokenizer) -> int:
     total = (blocks // config.training.total_batch_size) * config.training.num_epochs
     if total == 0:
         raise InvalidInputError(
-            f"the data holds {blocks} blocks of {config.data.sequence_length} tokens, fewer than one batch of "
+            f"the data contains {blocks} blocks of {config.data.sequence_length} tokens, fewer than one batch of "
             f"{config.training.total_batch_size}; add data or lower training.total_batch_size"
         )
     interval = config.training.save_interval_steps
