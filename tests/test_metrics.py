@@ -276,3 +276,8 @@ def test_record_step_is_cheap():
     # 1 ms is 1% of a 100 ms step, the fastest steps a real accelerator run takes; the
     # measured cost is about 10 microseconds (bench/metrics_overhead.py measures the effect).
     assert per_call < 1e-3
+
+
+def test_no_created_series(metrics):
+    metrics.record_step(**step_arguments(1))
+    assert "_created" not in scrape(metrics.port)

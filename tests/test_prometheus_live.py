@@ -220,7 +220,13 @@ def live_run(assets, tmp_path_factory):
     config_path = write_config(directory / "config.yaml", config)
     prometheus = Prometheus(directory, port, experiment)
     try:
-        env = {"PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu", "DISTILL_CACHE_DIR": str(directory / "cache")}
+        env = {
+            "PYTHONUNBUFFERED": "1",
+            "JAX_PLATFORMS": "cpu",
+            "DISTILL_CACHE_DIR": str(directory / "cache"),
+            # The chart passes JobSet's restart attempt; this is the first attempt.
+            "DISTILL_RESTART_ATTEMPT": "0",
+        }
         result = subprocess.run(
             [sys.executable, "-m", "distill", "train", str(config_path)],
             capture_output=True,

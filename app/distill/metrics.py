@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from distill import __version__
@@ -123,6 +123,9 @@ class TrainingMetrics:
         # (tokens, global_tokens, step_seconds) of the last steps, for tokens/s over a window.
         self._window: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=throughput_window_steps)
 
+        # `<counter>_created` series would add one series per counter and histogram to every
+        # scrape; the counters' start is already distill_start_time_seconds. Process-wide switch.
+        disable_created_metrics()
         self._create_metrics()
         self.start_time.set(time.time())
         set_log_context(worker=identity.worker, slice_index=identity.slice_index)
