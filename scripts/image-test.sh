@@ -7,7 +7,7 @@
 # `buildah run`, and prints the image size and build time.
 #
 # Usage: scripts/image-test.sh [TARGET...]       (default: cpu; `cpu tpu` builds both)
-# Needs: root, apt-get install -y --no-install-recommends buildah mmdebstrap podman
+# Needs: root, apt-get install -y --no-install-recommends buildah mmdebstrap
 # Environment:
 #   IMAGE_TEST_WHEELS   folder of extra wheels mounted into the build as find-links
 #                       (default /opt/wheels when it exists; it holds torch's +cpu wheel here)
@@ -20,8 +20,11 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK_DIR=${IMAGE_TEST_WORK_DIR:-/var/tmp/distill-image-test}
+mkdir -p "$WORK_DIR"
 BASE_IMAGE=localhost/distill-base:bookworm-python3
-BUILDAH=(buildah --storage-driver vfs)
+# overlay storage in a private root: vfs copies the whole ~3 GB file tree for every layer, and a
+# private root keeps this script away from other users' images.
+BUILDAH=(buildah --storage-driver overlay --root "$WORK_DIR/storage" --runroot "$WORK_DIR/run")
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
     TARGETS=(cpu)
@@ -36,16 +39,15 @@ fail() {
     exit 1
 }
 
-for tool in buildah mmdebstrap podman; do
+for tool in buildah mmdebstrap; do
     command -v "$tool" >/dev/null \
-        || fail "$tool not found; install it with: apt-get install -y --no-install-recommends buildah mmdebstrap podman"
+        || fail "$tool not found; install it with: apt-get install -y --no-install-recommends buildah mmdebstrap"
 done
 [ "$(id -u)" -eq 0 ] || fail "run as root: buildah with the vfs driver and chroot isolation needs it here"
 
 version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$ROOT/app/distill/__init__.py")
 [ -n "$version" ] || fail "no __version__ found in app/distill/__init__.py"
 revision=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
-mkdir -p "$WORK_DIR"
 
 # 1. Local base image: Debian bookworm minbase with python3, venv and pip (no registry pull).
 if ! "${BUILDAH[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
@@ -53,8 +55,10 @@ if ! "${BUILDAH[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
     nice -n 10 mmdebstrap --quiet --variant=minbase \
         --include=python3,python3-venv,python3-pip,ca-certificates \
         bookworm "$WORK_DIR/base.tar"
-    podman --storage-driver vfs import --quiet --change 'CMD ["/bin/bash"]' \
-        "$WORK_DIR/base.tar" "$BASE_IMAGE" >/dev/null
+    base_container=$("${BUILDAH[@]}" from --quiet scratch)
+    "${BUILDAH[@]}" add --quiet "$base_container" "$WORK_DIR/base.tar" /
+    "${BUILDAH[@]}" config --cmd /bin/bash "$base_container"
+    "${BUILDAH[@]}" commit --quiet --rm "$base_container" "$BASE_IMAGE" >/dev/null
     rm -f "$WORK_DIR/base.tar"
 fi
 

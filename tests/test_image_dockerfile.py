@@ -292,3 +292,39 @@ def test_version_readable_by_ci():
         check=True,
     )
     assert result.stdout.strip() == __version__
+
+
+@pytest.fixture(scope="module")
+def chart_pod() -> dict:
+    """Return the worker pod spec that the chart renders with its default values."""
+    from helm_render import render, worker_job
+
+    return worker_job(render())["template"]["spec"]["template"]["spec"]
+
+
+def test_chart_runs_image_user(dockerfile, chart_pod):
+    _, stages = dockerfile
+    user, _, group = effective_values(stages, "tpu", "USER")[-1].partition(":")
+    assert chart_pod["securityContext"]["runAsUser"] == int(user)
+    assert chart_pod["securityContext"]["runAsGroup"] == int(group)
+
+
+def test_chart_mounts_image_volumes(dockerfile, chart_pod):
+    # The chart's root filesystem is read-only, so every VOLUME of the image needs a mount.
+    _, stages = dockerfile
+    container = next(item for item in chart_pod["containers"] if item["name"] == "distill")
+    mounted = {mount["mountPath"] for mount in container["volumeMounts"]}
+    for argument in effective_values(stages, "tpu", "VOLUME"):
+        for volume in json.loads(argument):
+            assert volume in mounted, volume
+
+
+def test_chart_cache_env_matches_image(dockerfile, chart_pod):
+    # Where the chart sets a cache variable too, it must point to the same place as the image.
+    _, stages = dockerfile
+    image_environment = env_of(stages, "tpu")
+    container = next(item for item in chart_pod["containers"] if item["name"] == "distill")
+    chart_environment = {entry["name"]: entry.get("value") for entry in container.get("env", [])}
+    for key in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "COMPILE_FUNC_DIR", "MPLCONFIGDIR", "TMPDIR"):
+        if key in chart_environment:
+            assert chart_environment[key] == image_environment[key], key
