@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helm_render import render, template
@@ -176,6 +179,44 @@ def test_localjobset_rewrites_addresses_and_paths(tmp_path):
     # A gs:// save_directory moves to one local folder shared by all pods, and the runner logs the move.
     assert first["save_directory"] == second["save_directory"] == str(state / "gcs" / "example-bucket" / "runs" / "smoke")
     assert "training.save_directory gs://example-bucket/runs/smoke ->" in run.stderr
+
+
+def test_localjobset_late_coordinator_pod(tmp_path):
+    rendered = rendered_with_probe(tmp_path)
+    run = run_runner(rendered, tmp_path / "state", "--delay", "0-0=20")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"pod {POD0} starts 20 s late (--delay)" in run.stderr
+    assert f"[{POD1}] distill.rendezvous: rendezvous: coordinator 127.0.0.1:" in run.stdout
+    assert "not reachable yet" in run.stdout
+    assert sorted(results(run.stdout)) == [POD0, POD1]
+
+
+def test_localjobset_sigterm_stops_pods(tmp_path):
+    rendered = rendered_with_probe(tmp_path)
+    command = ["nice", str(DISTILL), "local-jobset", str(rendered), "--state-dir", str(tmp_path / "state"),
+               "--workdir", str(REPO_ROOT), "--grace-seconds", "5", "--timeout", "200", "--delay", "0-0=120"]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = None
+    deadline = time.monotonic() + 60
+    try:
+        for line in runner.stderr:
+            match = re.search(rf"pod {POD1} started \(pid (\d+)\)", line)
+            if match:
+                pid = int(match.group(1))
+                break
+            assert time.monotonic() < deadline, "the runner did not start the pod in time"
+        assert pid is not None
+        runner.send_signal(signal.SIGTERM)
+        _, rest = runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert runner.returncode == 143
+    assert "the runner received SIGTERM" in rest
+    assert f"pod {POD1} stopped" in rest
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_localjobset_invalid_config_fails_at_once(tmp_path):

@@ -522,6 +522,19 @@ def _stop(pods: list[RunningPod], grace_seconds: float | None, reason: str) -> N
 # Supervision
 
 
+class RunnerTerminated(Exception):
+    """The runner received SIGTERM."""
+
+
+_termination_signals: list[str] = []
+
+
+def _record_termination(signum: int, _frame: Any) -> None:
+    # Only record it: an exception raised here could land inside a logging call, which
+    # swallows it. The polling loop checks the record and stops the pods.
+    _termination_signals.append(signal.Signals(signum).name)
+
+
 @dataclass
 class AttemptResult:
     """Outcome of one start of all pods."""
@@ -573,6 +586,8 @@ class LocalJobSetRunner:
     def run(self) -> int:
         """Start all pods, apply the failure policies until the JobSet completes or fails."""
         started = time.monotonic()
+        # SIGTERM stops the pods too, instead of leaving them running without a supervisor.
+        signal.signal(signal.SIGTERM, _record_termination)
         self._deadline = started + self.timeout if self.timeout > 0 else float("inf")
         logger.info(
             "JobSet %s: %d pod(s) in %d job(s), maxRestarts %d; state in %s",
@@ -584,6 +599,9 @@ class LocalJobSetRunner:
             except ManifestError as error:
                 logger.error("%s", error)
                 return 2
+            except RunnerTerminated as error:
+                logger.error("JobSet %s stopped: the runner received %s", self.jobset.name, error)
+                return 128 + signal.SIGTERM
             elapsed = time.monotonic() - started
             if result.succeeded:
                 logger.info("JobSet %s completed after %d restart(s) in %.1f s", self.jobset.name, self.restarts, elapsed)
@@ -635,6 +653,8 @@ class LocalJobSetRunner:
         all_pods: list[RunningPod] = []
         try:
             while True:
+                if _termination_signals:
+                    raise RunnerTerminated(_termination_signals[0])
                 now = time.monotonic()
                 if now >= self._deadline:
                     _stop(all_pods, self.grace_seconds, "timeout")
