@@ -116,6 +116,30 @@ def start_scraper(port: int, rate: float, seconds: float) -> subprocess.Popen:
 VARIANTS = ("baseline", "exporter", "scraped")
 
 
+def measure_direct_costs(metrics, port: int, scrapes_per_second: float) -> tuple[float, float]:
+    """Return (seconds per record_step call, CPU seconds of this process per served scrape).
+
+    The scrapes come from a separate process while this thread sleeps, so the CPU time of
+    this process over that period is the exporter's, plus what idle JAX threads use (an
+    upper bound on the exporter's cost).
+    """
+    calls = 10_000
+    started = time.perf_counter()
+    for index in range(calls):
+        metrics.record_step(
+            step=index, loss=1.0, kl_loss=1.0, ce_loss=1.0, learning_rate=1e-3, grad_norm=1.0,
+            tokens=256, padding_tokens=0, global_tokens=256, step_seconds=0.1, data_wait_seconds=0.0,
+        )
+    per_call = (time.perf_counter() - started) / calls
+
+    scraper = start_scraper(port, scrapes_per_second, 10.0)
+    cpu_started = time.process_time()
+    output, _ = scraper.communicate(timeout=30)
+    served = int(output.strip() or 0)
+    per_scrape = (time.process_time() - cpu_started) / max(served, 1)
+    return per_call, per_scrape
+
+
 def run_variant(variant: str, step, state, args: argparse.Namespace, metrics, port: int) -> tuple[float, float, tuple, int]:
     """Run one variant for args.steps steps; return (steps/s, CPU s/step, state, scrapes served)."""
     if variant == "baseline":
@@ -155,6 +179,8 @@ def main() -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body_bytes = len(response.read())
 
+    record_seconds, scrape_cpu_seconds = measure_direct_costs(metrics, port, args.scrapes_per_second)
+
     rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     cpu_per_step: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     scrapes = 0
@@ -180,6 +206,13 @@ def main() -> int:
           f"JAX on CPU; load average at the end {os.getloadavg()[0]:.1f}")
     print(f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"/metrics body: {body_bytes} bytes; scrapes served during the scraped variant: {scrapes}\n")
+    baseline_step = 1 / statistics.median(rates["baseline"])
+    print(
+        f"Direct cost: record_step {1e6 * record_seconds:.1f} us per call "
+        f"({100 * record_seconds / baseline_step:.3f}% of the median baseline step of {1000 * baseline_step:.0f} ms); "
+        f"one scrape {1000 * scrape_cpu_seconds:.2f} ms of CPU, so {args.scrapes_per_second:g} scrapes/s use "
+        f"{100 * args.scrapes_per_second * scrape_cpu_seconds:.2f}% of one core\n"
+    )
     print("| variant | median steps/s | median CPU ms/step | steps/s vs baseline, same round: median (quartiles) |")
     print("|---|---|---|---|")
     for name in VARIANTS:
