@@ -158,3 +158,22 @@ def test_crd_check_rejects_broken_monitor(objects, crds):
     assert any("intervall" in problem for problem in problems)
     del endpoint["intervall"]
     assert any("timeout" in problem for problem in crds.validate(monitor))
+
+
+def test_dashboard_panels_fit_grid():
+    # Grafana's grid is 24 columns wide; overlapping panels are moved around on load.
+    panels = json.loads(CHART_DASHBOARD.read_text())["panels"]
+    cells = set()
+    for panel in panels:
+        position = panel["gridPos"]
+        assert position["x"] + position["w"] <= 24, panel["title"]
+        for row in range(position["y"], position["y"] + position["h"]):
+            for column in range(position["x"], position["x"] + position["w"]):
+                assert (row, column) not in cells, f"{panel['title']} overlaps another panel"
+                cells.add((row, column))
+
+
+def test_dashboard_queries_use_datasource_variable():
+    for panel in json.loads(CHART_DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
