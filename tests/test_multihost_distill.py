@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DISTILL = Path(sys.executable).with_name("distill")
 
-STEPS = 6
+STEPS = 8
 SAVE_INTERVAL = 2
 
 # Per-step loss difference allowed between 1 and 2 processes: float32 reductions over a
@@ -186,6 +187,11 @@ def test_distill_two_slices_match_single(assets, tiny_teacher, single_run, tmp_p
     assert summary(save_directory)["tokens"] == summary(single_run)["tokens"]
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 class RunnerWatch:
     """The runner as a background process whose merged output is read line by line."""
 
@@ -240,14 +246,28 @@ def test_distill_worker_killed_resumes(assets, tiny_teacher, single_run, tmp_pat
     rendered = render_scenario(tmp_path / "rendered.yaml", chart_values(tiny_teacher, assets, save_directory))
     runner = RunnerWatch(runner_command(rendered, tmp_path))
     try:
+        ports = {
+            pod: int(runner.wait_for(rf"port {pod}:9400 -> 127\.0\.0\.1:(\d+)", timeout=60).group(1))
+            for pod in (POD0, POD1)
+        }
         pid = int(runner.wait_for(rf"pod {POD1} started \(pid (\d+)\)", timeout=60).group(1))
         runner.wait_for(rf"\[{POD0}\] .*checkpoint for step {SAVE_INTERVAL} committed", timeout=RUN_LIMIT_SECONDS / 2)
+        scrapes = {pod: scrape(port) for pod, port in ports.items()}
         os.kill(pid, signal.SIGKILL)
         code = runner.finish(timeout=RUN_LIMIT_SECONDS)
     finally:
         if runner.process.poll() is None:
-            runner.process.kill()
+            # SIGTERM first, so the runner stops its pods before it exits.
+            runner.process.terminate()
+            try:
+                runner.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                runner.process.kill()
     assert code == 0, runner.text[-8000:]
+
+    # Every pod serves its own /metrics on its own local port, labelled with its worker index.
+    for worker, pod in enumerate((POD0, POD1)):
+        assert re.search(rf'distill_loss\{{[^}}]*worker="{worker}"', scrapes[pod]), scrapes[pod][:2000]
 
     assert f"pod {POD1} exited with code 137" in runner.text
     assert "rule restart-on-retriable-failure -> RestartJobSet" in runner.text

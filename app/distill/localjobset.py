@@ -119,8 +119,9 @@ def _parse_pairs(values: list[str], option: str) -> list[tuple[str, str]]:
 def main(args: argparse.Namespace) -> int:
     """Run the rendered JobSet until it completes or fails, and return the runner's exit code.
 
-    The code is 0 when the JobSet completes and 124 when --timeout stopped it. Otherwise it is
-    the exit code of the pod whose failure ended the run, or 1 when that code is unknown.
+    The code is 0 when the JobSet completes, 124 when --timeout stopped it and 143 when SIGTERM
+    did. Otherwise it is the exit code of the pod whose failure ended the run, or 1 when that
+    code is unknown.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s local-jobset %(levelname)s: %(message)s")

@@ -262,6 +262,9 @@ def initialize_runtime(layout: ProcessLayout, timeout_seconds: int, *, environ: 
     all interfaces, because pods on other nodes must reach it, unless JAX_COORDINATOR_BIND_ADDRESS
     (read by JAX too) names one. Raises RetriableError (exit 75) when the coordinator or a
     worker does not join within `timeout_seconds`.
+
+    NOTE: only the CPU branch has run (local multi-process tests). The TPU branch relies on
+    jax 0.9.2's GKE detection, which uses coordinator port 8482 unless JAX_COORDINATOR_PORT is set.
     """
     if layout.num_processes == 1:
         logger.info("single process: the JAX distributed runtime is not started")
