@@ -37,13 +37,17 @@ def _worker_main(timeout_seconds: int) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s: %(message)s")
-    from distill.config import RuntimeConfig
-    from distill.exitcodes import DistillError
+    from distill.config import ConfigError, RuntimeConfig
+    from distill.exitcodes import DistillError, ExitCode
     from distill.runtime import detect_layout, initialize_runtime
 
+    # The same mapping of errors to exit codes as the distill command line.
     try:
         layout = detect_layout(RuntimeConfig(), os.environ)
         initialize_runtime(layout, timeout_seconds)
+    except ConfigError as error:
+        print(f"error: {error}", flush=True)
+        return int(ExitCode.INVALID_CONFIG)
     except DistillError as error:
         print(f"error: {error}", flush=True)
         return int(error.exit_code)
@@ -198,6 +202,17 @@ def test_runtime_missing_peer_retriable():
     assert worker.elapsed < timeout + STARTUP_MARGIN_SECONDS
     assert "expected 2 workers but process ids [1] did not join" in worker.output
     assert f"coordinator 127.0.0.1:{port}" in worker.output
+
+
+def test_runtime_layout_mismatch_rejected():
+    port = free_port()
+    coordinator = Worker(worker_env(0, port, hosts=2), timeout_seconds=30)
+    stranger = Worker(worker_env(1, port, hosts=3), timeout_seconds=30)
+    codes = [coordinator.wait(120), stranger.wait(120)]
+    # Pods rendered from different values cannot form a run, and restarting cannot fix that.
+    assert codes == [2, 2], coordinator.output + stranger.output
+    assert "process 1 expects 3 workers but the coordinator expects 2" in coordinator.output
+    assert "rendezvous rejected by coordinator" in stranger.output
 
 
 def test_runtime_late_coordinator_forms(single_result):
