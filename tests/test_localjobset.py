@@ -86,6 +86,7 @@ def _probe_main(config_path: str) -> int:
         "tmpdir": os.environ.get("TMPDIR"),
         "coordinator": os.environ.get("DISTILL_COORDINATOR_ADDRESS"),
         "job_completion_index": os.environ.get("JOB_COMPLETION_INDEX"),
+        "restart_attempt": os.environ.get("DISTILL_RESTART_ATTEMPT"),
         "gethostname": socket.gethostname(),
     }
     print("RESULT " + json.dumps(result), flush=True)
@@ -139,6 +140,7 @@ def test_localjobset_chart_runs_two_pods(tmp_path):
     assert all(r["process_count"] == 2 for r in found.values())
     assert found[POD1]["layout_process_id"] == 1
     assert found[POD1]["job_completion_index"] == "1"
+    assert found[POD0]["restart_attempt"] == "0"
 
 
 def test_localjobset_pod_output_prefixed(tmp_path):
@@ -246,7 +248,11 @@ def test_localjobset_retriable_failure_restarts_all(tmp_path):
     assert "restart 1 of maxRestarts 3" in run.stderr
     assert f"pod {POD0} stopped" in run.stderr
     assert (tmp_path / "state" / "attempt-1" / POD0).is_dir()
-    assert sorted(results(run.stdout)) == [POD0, POD1]
+    found = results(run.stdout)
+    assert sorted(found) == [POD0, POD1]
+    # The pods of the second start see JobSet's restart-attempt annotation through the chart's env.
+    assert found[POD0]["restart_attempt"] == "1"
+    assert found[POD1]["restart_attempt"] == "1"
     assert "JobSet exp-distill completed after 1 restart(s)" in run.stderr
 
 
