@@ -215,6 +215,42 @@ def test_runtime_layout_mismatch_rejected():
     assert "rendezvous rejected by coordinator" in stranger.output
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Return the local addresses (hex, as /proc/net/tcp* write them) that listen on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if int(hex_port, 16) == port and fields[3] == "0A":
+                found.add(address)
+    return found
+
+
+def test_runtime_loopback_coordinator_binds_loopback(single_result):
+    port = free_port()
+    envs = [worker_env(i, port) for i in range(2)]
+    for env in envs:
+        del env["JAX_COORDINATOR_BIND_ADDRESS"]
+
+    # Alone, process 0 waits at the rendezvous, listening on the coordinator port.
+    lonely = Worker(envs[0], timeout_seconds=15)
+    deadline = time.monotonic() + 60
+    addresses: set[str] = set()
+    while not addresses and time.monotonic() < deadline and lonely.process.poll() is None:
+        addresses = listening_addresses(port)
+        time.sleep(0.2)
+    assert lonely.wait(120) == 75, lonely.output
+    # 127.0.0.1 in /proc/net/tcp's little-endian hex; no wildcard or other interface.
+    assert addresses == {"0100007F"}
+
+    # Both together form the run with JAX's coordinator on loopback too.
+    workers = [Worker(env, timeout_seconds=60) for env in envs]
+    codes = [worker.wait(180) for worker in workers]
+    assert codes == [0, 0], "\n".join(worker.output for worker in workers)
+    assert abs(workers[0].result["loss"] - single_result["loss"]) <= LOSS_TOLERANCE
+
+
 def test_runtime_late_coordinator_forms(single_result):
     port = free_port()
     late = Worker(worker_env(1, port), timeout_seconds=90)

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from distill.config import ConfigError, RuntimeConfig
-from distill.runtime import detect_layout
+from distill.runtime import coordinator_bind_address, detect_layout
 
 
 def chart_env(worker: int, slice_index: int = 0, slices: int = 1, hosts: int = 2, **extra: str) -> dict[str, str]:
@@ -164,3 +164,19 @@ def test_layout_invalid_environment(environ, expected):
     with pytest.raises(ConfigError) as error:
         detect_layout(RuntimeConfig(), environ)
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("coordinator", "environ", "expected"),
+    [
+        ("exp-workers-0-0.exp:8476", {}, None),
+        ("10.0.0.5:8476", {}, None),
+        ("127.0.0.1:1234", {}, "127.0.0.1:1234"),
+        ("localhost:1234", {}, "127.0.0.1:1234"),
+        ("[::1]:1234", {}, "[::1]:1234"),
+        ("exp-workers-0-0.exp:8476", {"JAX_COORDINATOR_BIND_ADDRESS": "127.0.0.1:9"}, "127.0.0.1:9"),
+    ],
+    ids=["pod-name", "pod-ip", "loopback", "localhost", "ipv6-loopback", "explicit"],
+)
+def test_bind_address_cases(coordinator, environ, expected):
+    assert coordinator_bind_address(coordinator, environ) == expected

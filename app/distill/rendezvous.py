@@ -50,8 +50,9 @@ def _bind_address(coordinator_address: str, bind_address: str | None) -> tuple[s
 
 def _open_listener(host: str, port: int) -> socket.socket:
     if host == "" and socket.has_dualstack_ipv6():
-        return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=False)
-    return socket.create_server((host or "0.0.0.0", port))
+        return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host or "0.0.0.0", port), family=family)
 
 
 def _send_line(connection: socket.socket, payload: dict) -> None:

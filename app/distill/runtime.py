@@ -12,6 +12,7 @@ which is also the order JAX's TPU cluster detection uses (jax 0.9.2, cloud_tpu_c
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -252,16 +253,35 @@ def wait_for_host(host: str, deadline: float, *, context: str) -> None:
         return
 
 
+def coordinator_bind_address(coordinator: str, environ: Mapping[str, str]) -> str | None:
+    """Return where process 0 listens: None means all interfaces (JAX's default).
+
+    JAX_COORDINATOR_BIND_ADDRESS wins when set. A coordinator on a loopback address can only be
+    reached from this machine, so process 0 listens on that address alone. Otherwise it listens
+    on all interfaces, because pods on other nodes must reach it.
+    """
+    explicit = environ.get("JAX_COORDINATOR_BIND_ADDRESS", "").strip()
+    if explicit:
+        return explicit
+    host, _, port = coordinator.rpartition(":")
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return f"{host}:{port}" if host != "localhost" else f"127.0.0.1:{port}"
+    return None
+
+
 def initialize_runtime(layout: ProcessLayout, timeout_seconds: int, *, environ: Mapping[str, str] | None = None) -> None:
     """Join the JAX distributed runtime described by `layout`; call before any other JAX use.
 
     One process: nothing to do. Otherwise wait for the coordinator's name to resolve, meet
     all workers at the rendezvous on the coordinator port (see distill.rendezvous), then call
     `jax.distributed.initialize`: on CPU with gloo collectives and every argument explicit, on
-    TPU with JAX's GKE detection filling in a coordinator the chart left empty. Process 0 binds
-    all interfaces, because pods on other nodes must reach it, unless JAX_COORDINATOR_BIND_ADDRESS
-    (read by JAX too) names one. Raises RetriableError (exit 75) when the coordinator or a
-    worker does not join within `timeout_seconds`.
+    TPU with JAX's GKE detection filling in a coordinator the chart left empty. Process 0
+    listens on the address that `coordinator_bind_address` returns. Raises RetriableError
+    (exit 75) when the coordinator or a worker does not join within `timeout_seconds`.
 
     NOTE: only the CPU branch has run (local multi-process tests). The TPU branch relies on
     jax 0.9.2's GKE detection, which uses coordinator port 8482 unless JAX_COORDINATOR_PORT is set.
@@ -286,14 +306,13 @@ def initialize_runtime(layout: ProcessLayout, timeout_seconds: int, *, environ: 
     if layout.accelerator == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
+    bind_address = None
     if coordinator is not None:
         host = coordinator.rpartition(":")[0].strip("[]")
         wait_for_host(host, deadline, context=context)
+        bind_address = coordinator_bind_address(coordinator, environ)
         if layout.process_id == 0:
-            serve_rendezvous(
-                coordinator, layout.num_processes, deadline,
-                bind_address=environ.get("JAX_COORDINATOR_BIND_ADDRESS"),
-            )
+            serve_rendezvous(coordinator, layout.num_processes, deadline, bind_address=bind_address)
         else:
             join_rendezvous(coordinator, layout.process_id, layout.num_processes, deadline)
     else:
@@ -314,6 +333,7 @@ def initialize_runtime(layout: ProcessLayout, timeout_seconds: int, *, environ: 
         # Kubernetes, Slurm and MPI environments to fill in local_device_ids.
         cluster_detection_method="deactivate" if layout.accelerator == "cpu" else None,
         initialization_timeout=jax_timeout,
+        coordinator_bind_address=bind_address,
     )
     logger.info(
         "joined the JAX runtime as process %d of %d in %.1f s",
