@@ -16,6 +16,7 @@
 #   IMAGE_TEST_CA_BUNDLE  CA bundle mounted over the base image's bundle during the build
 #                       (default /etc/ssl/certs/ca-certificates.crt of this machine)
 #   IMAGE_TEST_KEEP=1   keep the built images and layer cache (default: remove them at the end)
+#   IMAGE_TEST_WORK_DIR  buildah storage and scratch files (default /var/tmp/distill-image-test)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -78,17 +79,20 @@ elif [ -n "${IMAGE_TEST_EXTRA_INDEX_URL:-}" ]; then
     build_args+=(--build-arg "PIP_EXTRA_INDEX_URL=$IMAGE_TEST_EXTRA_INDEX_URL")
 fi
 
-images=()
 cleanup() {
     if [ -n "${container:-}" ]; then
         "${BUILDAH[@]}" rm "$container" >/dev/null 2>&1 || true
     fi
     if [ "${IMAGE_TEST_KEEP:-0}" != 1 ]; then
-        for image in "${images[@]}"; do
-            "${BUILDAH[@]}" rmi "$image" >/dev/null 2>&1 || true
+        # Drops the intermediate layer images too, so that the next run measures a cold build;
+        # only the base image stays.
+        local base_id image_id
+        base_id=$("${BUILDAH[@]}" images --quiet "$BASE_IMAGE" 2>/dev/null || true)
+        for image_id in $("${BUILDAH[@]}" images --all --quiet 2>/dev/null); do
+            if [ "$image_id" != "$base_id" ]; then
+                "${BUILDAH[@]}" rmi --force "$image_id" >/dev/null 2>&1 || true
+            fi
         done
-        # Drops the intermediate layers too, so that the next run measures a cold build.
-        "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
     fi
 }
 trap cleanup EXIT
@@ -109,7 +113,6 @@ expect_equal() {
 summary=()
 for target in "${TARGETS[@]}"; do
     image="localhost/distill:$target-test"
-    images+=("$image")
 
     # 3. Build, timed. nice: build machines are shared.
     log "building target $target as $image"
@@ -142,8 +145,9 @@ YAML
     run_in "$ROOT/examples/local-cpu.yaml" distill --help >/dev/null || fail "$target: distill --help failed"
     log "ok: $target distill --help"
     expect_equal "$target distill --version" "$(run_in "$ROOT/examples/local-cpu.yaml" distill --version)" "distill $version"
-    run_in "$ROOT/examples/local-cpu.yaml" distill validate /etc/distill/config.yaml > "$WORK_DIR/resolved.yaml" \
-        || fail "$target: distill validate of examples/local-cpu.yaml failed"
+    run_in "$ROOT/examples/local-cpu.yaml" distill validate /etc/distill/config.yaml \
+        > "$WORK_DIR/resolved.yaml" 2> "$WORK_DIR/validate.err" \
+        || fail "$target: distill validate of examples/local-cpu.yaml failed: $(cat "$WORK_DIR/validate.err")"
     grep -q '^  name: local-cpu' "$WORK_DIR/resolved.yaml" || fail "$target: resolved config lacks experiment.name local-cpu"
     log "ok: $target distill validate examples/local-cpu.yaml"
     status=0
@@ -165,7 +169,7 @@ YAML
 
     # 6. Nothing from the build context beyond the package ended up in the image.
     for path in /src /opt/distill/wheels/tests /cache/.git; do
-        if run_in "$ROOT/examples/local-cpu.yaml" test -e "$path"; then
+        if run_in "$ROOT/examples/local-cpu.yaml" test -e "$path" 2>/dev/null; then
             fail "$target: $path exists in the image"
         fi
     done
