@@ -200,6 +200,11 @@ def test_workflow_lints_dockerfile(workflow):
     assert any("hadolint docker/Dockerfile" in command for command in commands)
 
 
+def test_workflow_tests_on_debian(workflow):
+    # The Makefile's tool installers pin Debian 12 packages and need root.
+    assert workflow["jobs"]["test"]["container"] == "python:3.11-bookworm"
+
+
 def test_workflow_builds_both_targets(workflow):
     assert set(workflow["jobs"]["image"]["strategy"]["matrix"]["target"]) == TARGETS
 
