@@ -66,7 +66,7 @@ def dashboard_targets() -> list[tuple[str, str]]:
 class Prometheus:
     """A Prometheus server process on 127.0.0.1 with a temporary data folder."""
 
-    def __init__(self, directory: Path, target_port: int, experiment: str) -> None:
+    def __init__(self, directory: Path, target_ports: int | list[int], experiment: str) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus not found; install it with `sudo scripts/install-prometheus.sh`")
@@ -76,6 +76,8 @@ class Prometheus:
         rules = directory / "rules.yml"
         rules.write_text(yaml.safe_dump({"groups": alert_groups(experiment)}))
 
+        ports = target_ports if isinstance(target_ports, list) else [target_ports]
+        targets = [f"127.0.0.1:{port}" for port in ports]
         config = directory / "prometheus.yml"
         config.write_text(
             yaml.safe_dump(
@@ -85,7 +87,7 @@ class Prometheus:
                     "scrape_configs": [
                         {
                             "job_name": "distill",
-                            "static_configs": [{"targets": [f"127.0.0.1:{target_port}"], "labels": {"namespace": NAMESPACE}}],
+                            "static_configs": [{"targets": targets, "labels": {"namespace": NAMESPACE}}],
                         }
                     ],
                 }
@@ -188,6 +190,48 @@ def values_of(result: list[dict]) -> list[float]:
 # --- A real distillation run -----------------------------------------------------------
 
 
+def live_config(assets: Path, save_directory: Path, experiment: str, port: int, steps: int = 12) -> dict:
+    return tiny_config(
+        save_directory,
+        experiment={"name": experiment},
+        training={"max_training_steps": steps, "save_interval_steps": steps // 2},
+        metrics={"host": "127.0.0.1", "port": port},
+        # Scoring held-out text after the last step keeps the exporter up for a few more scrapes.
+        evaluation={
+            "sources": [{"type": "jsonl", "path": str(assets / "kjv" / "heldout.jsonl"), "content_field": "text"}],
+            "num_sequences": 4,
+            "batch_size": 2,
+            "include_teacher": False,
+        },
+    )
+
+
+def run_environment(directory: Path, **layout: str) -> dict[str, str]:
+    """Environment of one `distill train` process; `layout` adds DISTILL_* variables as the chart sets them."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("DISTILL_")}
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "JAX_PLATFORMS": "cpu",
+            "DISTILL_CACHE_DIR": str(directory / "cache"),
+            # The chart passes JobSet's restart attempt; this is the first attempt.
+            "DISTILL_RESTART_ATTEMPT": "0",
+        }
+    )
+    env.update(layout)
+    return env
+
+
+def read_records(save_directory: Path) -> tuple[dict, dict[int, dict]]:
+    """Return the run's summary.json and its history.jsonl keyed by step."""
+    summary = json.loads((save_directory / "summary.json").read_text())
+    history = {}
+    for line in (save_directory / "history.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        history[record["step"]] = record
+    return summary, history
+
+
 @dataclass
 class LiveRun:
     prometheus: Prometheus
@@ -204,47 +248,23 @@ def live_run(assets, tmp_path_factory):
     directory = tmp_path_factory.mktemp("live")
     experiment = "live"
     port = free_port()
-    config = tiny_config(
-        directory / "run",
-        experiment={"name": experiment},
-        training={"max_training_steps": 12, "save_interval_steps": 6},
-        metrics={"host": "127.0.0.1", "port": port},
-        # Scoring held-out text after the last step keeps the exporter up for a few more scrapes.
-        evaluation={
-            "sources": [{"type": "jsonl", "path": str(assets / "kjv" / "heldout.jsonl"), "content_field": "text"}],
-            "num_sequences": 4,
-            "batch_size": 2,
-            "include_teacher": False,
-        },
-    )
+    config = live_config(assets, directory / "run", experiment, port)
     config_path = write_config(directory / "config.yaml", config)
     prometheus = Prometheus(directory, port, experiment)
     try:
-        env = {
-            "PYTHONUNBUFFERED": "1",
-            "JAX_PLATFORMS": "cpu",
-            "DISTILL_CACHE_DIR": str(directory / "cache"),
-            # The chart passes JobSet's restart attempt; this is the first attempt.
-            "DISTILL_RESTART_ATTEMPT": "0",
-        }
         result = subprocess.run(
             [sys.executable, "-m", "distill", "train", str(config_path)],
             capture_output=True,
             text=True,
             timeout=600,
-            env={**os.environ, **env},
+            env=run_environment(directory),
         )
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-4000:]
         # Let Prometheus notice the target is gone and finish writing its last scrape.
         time.sleep(1.0)
 
-        save_directory = Path(config["training"]["save_directory"])
-        summary = json.loads((save_directory / "summary.json").read_text())
-        history = {}
-        for line in (save_directory / "history.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            history[record["step"]] = record
+        summary, history = read_records(Path(config["training"]["save_directory"]))
         logged = {int(match[1]): float(match[3]) for match in STEP_LINE.finditer(output)}
 
         steps = prometheus.samples(f'distill_last_completed_step{{experiment="{experiment}"}}')
@@ -261,9 +281,9 @@ def live_run(assets, tmp_path_factory):
         prometheus.stop()
 
 
-def scraped_by_step(run: LiveRun, metric: str) -> dict[int, float]:
-    """Return {step: value of `metric`} from scrapes taken after a completed step."""
-    selector = f'{{experiment="{run.experiment}"}}'
+def scraped_by_step(run: LiveRun, metric: str, worker: int = 0) -> dict[int, float]:
+    """Return {step: value of `metric`} of one worker, from scrapes taken after a completed step."""
+    selector = f'{{experiment="{run.experiment}", worker="{worker}"}}'
     steps = dict(run.prometheus.samples(f"distill_last_completed_step{selector}"))
     values = dict(run.prometheus.samples(f"{metric}{selector}"))
     return {int(step): values[stamp] for stamp, step in steps.items() if stamp in values and step > 0}
