@@ -336,3 +336,10 @@ def test_chart_tpu_repository_matches_push():
 def test_chart_cpu_scenario_repository_matches_push():
     values = yaml.safe_load((CHART / "ci" / "cpu-smoke.yaml").read_text())
     assert values["image"]["repository"].endswith("/distill-cpu")
+
+
+def test_chart_repository_matches_cloudbuild(cloudbuild):
+    # The chart's placeholder project is `my-project`; Cloud Build fills in its own PROJECT_ID.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    registry = cloudbuild["substitutions"]["_REGISTRY"].replace("${PROJECT_ID}", "my-project")
+    assert values["image"]["repository"] == f"{registry}/distill-tpu"
