@@ -10,6 +10,9 @@ folder, the chart's alert rules evaluated every second), stopped at the end:
 * a scripted worker that drives the exporter through its whole API with a TPU type, so MFU
   is known, and then injects a NaN loss, a failed checkpoint and a missing worker, which the
   matching alert expressions must report.
+
+Two scripted workers of one experiment then check that per-worker series do not clash and
+that token counters add up across workers.
 """
 
 from __future__ import annotations
@@ -492,3 +495,94 @@ def test_broken_worker_raises_alerts(tmp_path):
     assert len(failed_alert) == 1
     assert values_of(missing_alert) == [1.0]
     assert stalled_alert == []
+
+
+@pytest.fixture(scope="module")
+def scripted_pair(tmp_path_factory):
+    """Two exporters of one experiment (workers 0 and 1 of a v4-16 slice) scraped by one Prometheus."""
+    from distill.config import MetricsConfig
+    from distill.metrics import TrainingMetrics, WorkerIdentity
+
+    directory = tmp_path_factory.mktemp("pair")
+    experiment = "pair"
+    ports = [free_port(), free_port()]
+    prometheus = Prometheus(directory, ports, experiment)
+    workers = [
+        TrainingMetrics(MetricsConfig(host="127.0.0.1", port=port), WorkerIdentity(experiment, index, 0))
+        for index, port in enumerate(ports)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+            worker.set_info(num_slices=1, hosts_per_slice=2, accelerator="tpu", tpu_type="v4-16", total_steps=100)
+        for worker in workers:
+            assert worker.wait_for_scrape(30)
+        # Uneven shares of each global batch: worker 0 gets 3000 tokens, worker 1 gets 1000.
+        for step in range(1, 11):
+            for index, worker in enumerate(workers):
+                worker.record_step(
+                    step=step, loss=2.0 - step / 100, kl_loss=1.5, ce_loss=3.0, learning_rate=1e-4, grad_norm=0.5,
+                    tokens=3000 if index == 0 else 1000, padding_tokens=0, global_tokens=4000, step_seconds=1.0,
+                    data_wait_seconds=0.0,
+                )
+            time.sleep(0.1)
+        final_time = prometheus.wait_for_value(
+            f'sum(distill_tokens_total{{experiment="{experiment}"}})', 40_000.0
+        )
+        first_time = prometheus.samples(f'distill_start_time_seconds{{experiment="{experiment}", worker="0"}}')[0][0]
+        yield ScriptedRun(prometheus, experiment, final_time, first_time, tokens=40_000, expected_mfu=0.0)
+    finally:
+        for worker in workers:
+            worker.stop(final_scrape_timeout_seconds=0)
+        prometheus.stop()
+
+
+def test_pair_series_do_not_clash(scripted_pair):
+    result = scripted_pair.prometheus.query(
+        f'distill_loss{{experiment="{scripted_pair.experiment}"}}', scripted_pair.final_time
+    )
+    assert sorted(item["metric"]["worker"] for item in result) == ["0", "1"]
+
+
+def test_pair_tokens_add_up(scripted_pair):
+    result = scripted_pair.prometheus.query(
+        f'sum by (experiment) (distill_tokens_total{{experiment="{scripted_pair.experiment}"}})', scripted_pair.final_time
+    )
+    assert values_of(result) == [scripted_pair.tokens]
+
+
+def test_pair_global_loss_identical(scripted_pair):
+    result = scripted_pair.prometheus.query(
+        f'distill_loss{{experiment="{scripted_pair.experiment}"}}', scripted_pair.final_time
+    )
+    assert len(set(values_of(result))) == 1
+
+
+def test_pair_dashboard_per_worker_rates(scripted_pair):
+    expression = dict(dashboard_targets())["Tokens/s per worker A"]
+    range_seconds = math.ceil(scripted_pair.final_time - scripted_pair.first_time) + 5
+    result = scripted_pair.prometheus.query(
+        substitute(expression, scripted_pair.experiment, range_seconds), scripted_pair.final_time
+    )
+    rates = {item["metric"]["worker"]: float(item["value"][1]) for item in result}
+    assert sorted(rates) == ["0", "1"]
+    # Worker 0 consumed three times the tokens of worker 1. The two targets are scraped at
+    # different moments, so rate() extrapolates each differently by up to a few percent.
+    assert rates["0"] == pytest.approx(3 * rates["1"], rel=0.1)
+
+
+def test_pair_workers_counted(scripted_pair):
+    targets = dict(dashboard_targets())
+    scraped = scripted_pair.prometheus.query(
+        substitute(targets["Workers scraped A"], scripted_pair.experiment, 60), scripted_pair.final_time
+    )
+    expected = scripted_pair.prometheus.query(
+        substitute(targets["Workers scraped B"], scripted_pair.experiment, 60), scripted_pair.final_time
+    )
+    assert values_of(scraped) == [2.0]
+    assert values_of(expected) == [2.0]
+
+
+def test_pair_no_worker_missing_alert(scripted_pair):
+    expression = alert_expression(scripted_pair.experiment, "DistillWorkerMissing")
+    assert scripted_pair.prometheus.query(expression, scripted_pair.final_time) == []
