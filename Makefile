@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Test-time tools that are not Python packages; each script is idempotent and pinned.
 TOOLS_STAMP := .tools/.installed
 
-.PHONY: demo test venv assets tools lock bench image-test schema clean
+.PHONY: demo test venv assets tools lock bench image-test image-test-all schema clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench: assets
 # Build the cpu image with buildah against a local Debian base and smoke-test it (root).
 image-test:
 	scripts/image-test.sh
+
+# Build and smoke-test both images (cpu, then tpu reusing its layers; about 6 minutes, root).
+image-test-all:
+	scripts/image-test.sh cpu tpu
 
 clean:
 	rm -rf $(VENV) .tools runs
