@@ -49,11 +49,19 @@ def _perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def easydel_logits(module, input_ids: np.ndarray) -> np.ndarray:
-    import jax.numpy as jnp
+    """Run the EasyDeL model on host arrays and return the full logits on every process.
+
+    Host (numpy) inputs count as replicated on every process, and in a multi-process run the
+    sharded logits are gathered before they are copied to the host.
+    """
+    from jax.experimental import multihost_utils
 
     with module.mesh:
-        output = module(input_ids=jnp.asarray(input_ids), attention_mask=jnp.ones_like(jnp.asarray(input_ids)))
-    return np.asarray(output.logits, dtype=np.float32)
+        output = module(input_ids=input_ids, attention_mask=np.ones_like(input_ids))
+    logits = output.logits
+    if not logits.is_fully_addressable:
+        logits = multihost_utils.process_allgather(logits, tiled=True)
+    return np.asarray(logits, dtype=np.float32)
 
 
 def reference_logits(folder: str, input_ids: np.ndarray, vocab_size: int) -> np.ndarray:

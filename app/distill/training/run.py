@@ -196,7 +196,15 @@ def run_training(config: Config, config_path: str | None = None) -> int:
     from distill.flops import ModelShape, peak_flops_per_chip, student_shape, training_flops_per_token
     from distill.metrics import TrainingMetrics, WorkerIdentity
     from distill.models import build_student, count_parameters, load_teacher, load_tokenizer
-    from distill.training.step import build_nll_fn, build_train_step, global_batch, learning_rate_schedule, optimizer
+    from distill.training.step import (
+        build_nll_fn,
+        build_train_step,
+        global_batch,
+        learning_rate_schedule,
+        optimizer,
+        replicated_scalar,
+        spread_over_mesh,
+    )
 
     training = config.training
     logger.info(
@@ -234,10 +242,12 @@ def run_training(config: Config, config_path: str | None = None) -> int:
 
     schedule = learning_rate_schedule(training, total_steps)
     state = student.to_state().init_tx(optimizer(training, schedule))
-    # EasyDeL starts `step` as a Python int; as a weakly typed scalar it would make the second
-    # call of the jitted step compile again, so give it its final dtype up front.
-    state = state.replace(step=jax.numpy.asarray(state.step, dtype=jax.numpy.int32))
-    teacher_state = teacher.module.to_state()
+    # EasyDeL starts `step` as a Python int. As a weakly typed scalar it would make the second
+    # call of the jitted step compile again, so it becomes an int32 replicated over the whole
+    # mesh (every process's devices, as the step's sharding expects).
+    state = state.replace(step=replicated_scalar(mesh, state.step))
+    state = spread_over_mesh(state, mesh)
+    teacher_state = spread_over_mesh(teacher.module.to_state(), mesh)
     del student
 
     # Resume from the newest committed checkpoint, if any.

@@ -129,3 +129,40 @@ def global_batch(mesh, local: dict[str, Any], global_rows: int) -> dict[str, Any
         shape = (global_rows, *value.shape[1:])
         arrays[key] = jax.make_array_from_process_local_data(sharding, value, shape)
     return arrays
+
+
+def replicated_scalar(mesh, value: int):
+    """Return an int32 scalar replicated on every device of `mesh`, across all processes."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    host_value = np.asarray(value, dtype=np.int32)
+    return jax.make_array_from_callback((), NamedSharding(mesh, PartitionSpec()), lambda _index: host_value)
+
+
+def spread_over_mesh(tree, mesh):
+    """Replicate every array of `tree` that lives on only some devices over the whole mesh.
+
+    EasyDeL shards parameters over the mesh but leaves small variables, such as the RNG
+    counters in `graphother`, on the first local device. One jitted step needs every argument
+    on the same devices, which in a multi-process run means all processes' devices.
+    """
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh_devices = set(mesh.devices.flat)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def spread(leaf):
+        if not isinstance(leaf, jax.Array) or set(leaf.sharding.device_set) == mesh_devices:
+            return leaf
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            # Typed PRNG keys have no NumPy form: move their raw data, then re-wrap it.
+            data = spread(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+
+    return jax.tree_util.tree_map(spread, tree)
