@@ -126,7 +126,11 @@ class CheckpointStore:
                 self.fs.rm(self._fs_path(step_dir_name(info.step)), recursive=True)
 
     def restore(self, info: CheckpointInfo, target_tree: Any) -> tuple[Any, dict[str, Any]]:
-        """Read a checkpoint into the shapes and shardings of `target_tree`; return it and the data position."""
+        """Read a checkpoint into the shapes and shardings of `target_tree`.
+
+        Return the restored tree and the saved data position, with the commit time (Unix
+        seconds) added under `committed_at`.
+        """
         import jax
         import orbax.checkpoint as ocp
 
@@ -134,4 +138,6 @@ class CheckpointStore:
         restored = self._orbax().restore(self._join(step_dir_name(info.step), STATE_DIR), abstract)
         with self.fs.open(self._fs_path(step_dir_name(info.step), DATA_FILE), "r") as handle:
             data_position = json.load(handle)
+        with self.fs.open(self._fs_path(step_dir_name(info.step), COMMIT_MARKER), "r") as handle:
+            data_position["committed_at"] = json.load(handle)["time"]
         return restored, data_position

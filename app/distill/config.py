@@ -201,6 +201,12 @@ class MetricsConfig(_Strict):
     enabled: bool = Field(True, description="Serve Prometheus metrics on /metrics.")
     host: str = Field("0.0.0.0", description="Address the metrics server binds to.")
     port: int = Field(9400, ge=0, le=65535, description="Port of the metrics server (0 = pick a free port).")
+    final_scrape_timeout_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="After the last step, wait up to this long for one more scrape so Prometheus records the "
+        "final values (seconds, 0 = do not wait; set it above the scrape interval when scraped).",
+    )
 
 
 class LoggingConfig(_Strict):

@@ -268,7 +268,7 @@ def run_training(config: Config, config_path: str | None = None) -> int:
         logger.info("no committed checkpoint under %s: starting from step 0", training.save_directory)
 
     identity = WorkerIdentity(config.experiment.name, layout.worker_index, layout.slice_index)
-    metrics = TrainingMetrics(config.metrics, identity)
+    metrics = TrainingMetrics(config.metrics, identity, throughput_window_steps=config.logging.interval_steps)
     metrics.set_info(
         num_slices=layout.num_slices,
         hosts_per_slice=layout.hosts_per_slice,
@@ -289,7 +289,7 @@ def run_training(config: Config, config_path: str | None = None) -> int:
     )
     metrics.start()
     if latest is not None:
-        metrics.record_resume(step=start_step)
+        metrics.record_resume(step=start_step, checkpoint_timestamp=data_position.get("committed_at"))
 
     logger.info(
         "banner: experiment=%s teacher=%s (%.1fM parameters, %s) student=Qwen3 %d layers x %d hidden (%.1fM "
@@ -386,6 +386,7 @@ def run_training(config: Config, config_path: str | None = None) -> int:
                     if step > last_saved:
                         save(step, last_position.to_json())
                     logger.warning("stopped by %s after step %d; the next start resumes from it", stop.signal_name, step)
+                    metrics.stop(final_scrape_timeout_seconds=0)
                     return ExitCode.PREEMPTED
 
             if step > last_saved:
