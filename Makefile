@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Test-time tools that are not Python packages; each script is idempotent and pinned.
 TOOLS_STAMP := .tools/.installed
 
-.PHONY: demo test venv assets tools lock bench image-test image-test-all schema clean
+.PHONY: demo test venv assets tools lock bench bench-metrics local-jobset image-test image-test-all schema clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,16 @@ schema: $(STAMP)
 # alpha 0.9 against alpha 0, at equal steps and equal time (about 25 minutes on 2 cores).
 bench: assets
 	$(BIN)/python bench/distill_vs_plain.py
+
+# Step throughput with and without the metrics exporter, and under 10 scrapes/s.
+bench-metrics: assets
+	JAX_PLATFORMS=cpu $(BIN)/python bench/metrics_overhead.py
+
+# Render the chart's CPU smoke scenario and run its JobSet as local processes.
+local-jobset: assets tools
+	mkdir -p runs
+	.tools/bin/helm template smoke helm/distill -f helm/distill/ci/cpu-smoke.yaml > runs/cpu-smoke-rendered.yaml
+	$(BIN)/distill local-jobset runs/cpu-smoke-rendered.yaml --workdir . --state-dir runs/cpu-smoke/local-jobset
 
 # Build the cpu image with buildah against a local Debian base and smoke-test it (root).
 image-test:

@@ -169,6 +169,8 @@ def test_reference_process_environment(reference):
     assert env["DISTILL_ACCELERATOR"] == "tpu"
     assert env["DISTILL_TPU_TYPE"] == "v4-64"
     assert env["DISTILL_COORDINATOR_ADDRESS"] == ""
+    assert env["JAX_COORDINATOR_PORT"] == "8476"
+    assert env["DISTILL_RESTART_ATTEMPT"]["fieldRef"]["fieldPath"] == "metadata.annotations['jobset.sigs.k8s.io/restart-attempt']"
     assert "MEGASCALE_NUM_SLICES" not in env
 
 

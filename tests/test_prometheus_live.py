@@ -374,6 +374,139 @@ def test_live_healthy_run_raises_no_alert(live_run):
         assert live_run.prometheus.query(rule["expr"], live_run.final_time) == [], rule["alert"]
 
 
+# --- A real two-worker run -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_teacher(assets, tmp_path_factory) -> Path:
+    """A random 2-layer Llama with the demo teacher's tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("small-teacher")
+    tokenizer = AutoTokenizer.from_pretrained(assets / "smollm2-135m")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=True, rope_theta=100000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(assets, small_teacher, tmp_path_factory):
+    """Two `distill train` processes forming one JAX runtime, as two pods of one slice."""
+    directory = tmp_path_factory.mktemp("two-workers")
+    experiment = "pair"
+    ports = [free_port(), free_port()]
+    coordinator = f"127.0.0.1:{free_port()}"
+    prometheus = Prometheus(directory, ports, experiment)
+    processes = []
+    try:
+        for worker, port in enumerate(ports):
+            config = live_config(assets, directory / "run", experiment, port, steps=8)
+            config["teacher"] = {"path": str(small_teacher), "dtype": "float32"}
+            config["student"].update({"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32})
+            config["data"]["sequence_length"] = 32
+            config["training"]["total_batch_size"] = 4
+            config["training"]["schedule"] = "cosine"
+            config_path = write_config(directory / f"config-{worker}.yaml", config)
+            # Each worker gets its own compile cache, as each pod has its own cache volume.
+            env = run_environment(
+                directory / f"worker-{worker}",
+                DISTILL_WORKER_INDEX=str(worker),
+                DISTILL_SLICE_INDEX="0",
+                DISTILL_NUM_SLICES="1",
+                DISTILL_HOSTS_PER_SLICE="2",
+                DISTILL_ACCELERATOR="cpu",
+                DISTILL_TPU_TYPE="",
+                DISTILL_COORDINATOR_ADDRESS=coordinator,
+            )
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "distill", "train", str(config_path)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=env,
+                )
+            )
+        outputs = [process.communicate(timeout=600)[0] for process in processes]
+        for worker, (process, output) in enumerate(zip(processes, outputs)):
+            assert process.returncode == 0, f"worker {worker}:\n{output[-4000:]}"
+        time.sleep(1.0)
+
+        summary, history = read_records(Path(config["training"]["save_directory"]))
+        final_times = [
+            prometheus.samples(f'distill_last_completed_step{{experiment="{experiment}", worker="{worker}"}}')[-1][0]
+            for worker in (0, 1)
+        ]
+        first_time = prometheus.samples(f'distill_start_time_seconds{{experiment="{experiment}", worker="0"}}')[0][0]
+        yield LiveRun(
+            prometheus=prometheus,
+            experiment=experiment,
+            summary=summary,
+            history=history,
+            logged_losses={},
+            # The last moment at which both workers were still scraped.
+            final_time=min(final_times),
+            first_time=first_time,
+        )
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+        prometheus.stop()
+
+
+def test_two_workers_have_own_series(two_worker_run):
+    result = two_worker_run.prometheus.query(
+        f'distill_tokens_total{{experiment="{two_worker_run.experiment}"}}', two_worker_run.final_time
+    )
+    assert sorted(item["metric"]["worker"] for item in result) == ["0", "1"]
+
+
+def test_two_workers_tokens_add_up(two_worker_run):
+    steps = two_worker_run.summary["steps"]
+    per_worker = [scraped_by_step(two_worker_run, "distill_tokens_total", worker)[steps] for worker in (0, 1)]
+    assert sum(per_worker) == two_worker_run.summary["tokens"]
+    assert all(value > 0 for value in per_worker)
+
+
+def test_two_workers_same_global_loss(two_worker_run):
+    for worker in (0, 1):
+        for step, value in scraped_by_step(two_worker_run, "distill_loss", worker).items():
+            assert value == two_worker_run.history[step]["loss"], f"worker {worker} step {step}"
+
+
+def test_two_workers_dashboard_per_worker(two_worker_run):
+    expression = dict(dashboard_targets())["Tokens/s per worker A"]
+    range_seconds = math.ceil(two_worker_run.final_time - two_worker_run.first_time) + 5
+    result = two_worker_run.prometheus.query(
+        substitute(expression, two_worker_run.experiment, range_seconds), two_worker_run.final_time
+    )
+    assert sorted(item["metric"]["worker"] for item in result) == ["0", "1"]
+
+
+def test_two_workers_counted_as_expected(two_worker_run):
+    targets = dict(dashboard_targets())
+    at = two_worker_run.final_time
+    scraped = two_worker_run.prometheus.query(substitute(targets["Workers scraped A"], two_worker_run.experiment, 60), at)
+    expected = two_worker_run.prometheus.query(substitute(targets["Workers scraped B"], two_worker_run.experiment, 60), at)
+    assert values_of(scraped) == [2.0]
+    assert values_of(expected) == [2.0]
+
+
+def test_two_workers_no_missing_alert(two_worker_run):
+    expression = alert_expression(two_worker_run.experiment, "DistillWorkerMissing")
+    assert two_worker_run.prometheus.query(expression, two_worker_run.final_time) == []
+
+
 # --- A scripted worker that uses the whole exporter API --------------------------------
 
 
