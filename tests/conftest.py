@@ -21,6 +21,29 @@ def assets() -> Path:
     return prepare_assets(ASSETS)
 
 
+@pytest.fixture(scope="session")
+def random_teacher(assets, tmp_path_factory) -> Path:
+    """Save a random 2-layer Llama that uses the demo teacher's tokenizer, as an HF folder.
+
+    Its forward pass costs almost nothing, for tests about processes rather than quality.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("random-teacher")
+    tokenizer = AutoTokenizer.from_pretrained(assets / "smollm2-135m")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=True, rope_theta=100000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_config(save_directory: Path, **sections) -> dict:
     """A config that distills the real SmolLM2 teacher into a 2-layer student in seconds per step."""
     config = {

@@ -43,26 +43,6 @@ POD0 = "exp-distill-workers-0-0"
 POD1 = "exp-distill-workers-0-1"
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(assets, tmp_path_factory) -> Path:
-    """Save a random 2-layer Llama that uses the demo teacher's tokenizer, as an HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-teacher")
-    tokenizer = AutoTokenizer.from_pretrained(assets / "smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-        tie_word_embeddings=True, rope_theta=100000.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def chart_values(teacher: Path, assets: Path, save_directory: Path) -> dict:
     """Return chart values that turn the CPU smoke scenario into the tiny experiment."""
     return {
@@ -128,11 +108,11 @@ def summary(save_directory: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single_run(assets, tiny_teacher, tmp_path_factory) -> Path:
+def single_run(assets, random_teacher, tmp_path_factory) -> Path:
     """Run the same resolved config in one plain `distill train` process; return its save folder."""
     folder = tmp_path_factory.mktemp("single")
     save_directory = folder / "checkpoints"
-    documents = [d for d in yaml.safe_load_all(template("cpu-smoke.yaml", chart_values(tiny_teacher, assets, save_directory))) if d]
+    documents = [d for d in yaml.safe_load_all(template("cpu-smoke.yaml", chart_values(random_teacher, assets, save_directory))) if d]
     config = yaml.safe_load(next(d for d in documents if d["kind"] == "ConfigMap")["data"]["config.yaml"])
     config["metrics"] = {"host": "127.0.0.1", "port": 0}
     config_path = folder / "config.yaml"
@@ -152,9 +132,9 @@ def assert_same_losses(expected: dict[int, dict], actual: dict[int, dict], steps
         assert abs(actual[step]["loss"] - expected[step]["loss"]) <= LOSS_TOLERANCE, (step, actual[step], expected[step])
 
 
-def test_distill_two_hosts_match_single(assets, tiny_teacher, single_run, tmp_path):
+def test_distill_two_hosts_match_single(assets, random_teacher, single_run, tmp_path):
     save_directory = tmp_path / "checkpoints"
-    rendered = render_scenario(tmp_path / "rendered.yaml", chart_values(tiny_teacher, assets, save_directory))
+    rendered = render_scenario(tmp_path / "rendered.yaml", chart_values(random_teacher, assets, save_directory))
     run = subprocess.run(runner_command(rendered, tmp_path), capture_output=True, text=True, timeout=RUN_LIMIT_SECONDS)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
 
@@ -171,9 +151,9 @@ def test_distill_two_hosts_match_single(assets, tiny_teacher, single_run, tmp_pa
     assert summary(save_directory)["steps"] == STEPS
 
 
-def test_distill_two_slices_match_single(assets, tiny_teacher, single_run, tmp_path):
+def test_distill_two_slices_match_single(assets, random_teacher, single_run, tmp_path):
     save_directory = tmp_path / "checkpoints"
-    rendered = render_scenario(tmp_path / "rendered.yaml", chart_values(tiny_teacher, assets, save_directory), slices=2)
+    rendered = render_scenario(tmp_path / "rendered.yaml", chart_values(random_teacher, assets, save_directory), slices=2)
     run = subprocess.run(runner_command(rendered, tmp_path), capture_output=True, text=True, timeout=RUN_LIMIT_SECONDS)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
 
@@ -241,9 +221,9 @@ class RunnerWatch:
         return "\n".join(self.lines)
 
 
-def test_distill_worker_killed_resumes(assets, tiny_teacher, single_run, tmp_path):
+def test_distill_worker_killed_resumes(assets, random_teacher, single_run, tmp_path):
     save_directory = tmp_path / "checkpoints"
-    rendered = render_scenario(tmp_path / "rendered.yaml", chart_values(tiny_teacher, assets, save_directory))
+    rendered = render_scenario(tmp_path / "rendered.yaml", chart_values(random_teacher, assets, save_directory))
     runner = RunnerWatch(runner_command(rendered, tmp_path))
     try:
         ports = {

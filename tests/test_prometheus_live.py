@@ -378,27 +378,7 @@ def test_live_healthy_run_raises_no_alert(live_run):
 
 
 @pytest.fixture(scope="module")
-def small_teacher(assets, tmp_path_factory) -> Path:
-    """A random 2-layer Llama with the demo teacher's tokenizer, saved as an HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("small-teacher")
-    tokenizer = AutoTokenizer.from_pretrained(assets / "smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-        tie_word_embeddings=True, rope_theta=100000.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def two_worker_run(assets, small_teacher, tmp_path_factory):
+def two_worker_run(assets, random_teacher, tmp_path_factory):
     """Two `distill train` processes forming one JAX runtime, as two pods of one slice."""
     directory = tmp_path_factory.mktemp("two-workers")
     experiment = "pair"
@@ -409,7 +389,7 @@ def two_worker_run(assets, small_teacher, tmp_path_factory):
     try:
         for worker, port in enumerate(ports):
             config = live_config(assets, directory / "run", experiment, port, steps=8)
-            config["teacher"] = {"path": str(small_teacher), "dtype": "float32"}
+            config["teacher"] = {"path": str(random_teacher), "dtype": "float32"}
             config["student"].update({"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32})
             config["data"]["sequence_length"] = 32
             config["training"]["total_batch_size"] = 4

@@ -49,19 +49,28 @@ def _perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def easydel_logits(module, input_ids: np.ndarray) -> np.ndarray:
-    """Run the EasyDeL model on host arrays and return the full logits on every process.
+    """Run the EasyDeL model under jit and return the full logits on every process.
 
-    Host (numpy) inputs count as replicated on every process, and in a multi-process run the
-    sharded logits are gathered before they are copied to the host.
+    Called eagerly, EasyDeL's output classes iterate over their arrays, which fails for arrays
+    sharded across processes; inside jit they only see tracers. The inputs and logits are
+    replicated over the mesh, so each process can read the whole result.
     """
-    from jax.experimental import multihost_utils
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    with module.mesh:
-        output = module(input_ids=input_ids, attention_mask=np.ones_like(input_ids))
-    logits = output.logits
-    if not logits.is_fully_addressable:
-        logits = multihost_utils.process_allgather(logits, tiled=True)
-    return np.asarray(logits, dtype=np.float32)
+    from distill.sharding import replicated_host_array, spread_over_mesh
+
+    mesh = module.mesh
+    state = spread_over_mesh(module.to_state(), mesh)
+
+    def forward(state, input_ids):
+        return state.model(input_ids=input_ids, attention_mask=jnp.ones_like(input_ids)).logits
+
+    forward = jax.jit(forward, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    with mesh:
+        logits = forward(state, replicated_host_array(mesh, input_ids.astype(np.int32)))
+    return np.asarray(logits.addressable_data(0), dtype=np.float32)
 
 
 def reference_logits(folder: str, input_ids: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -316,9 +316,18 @@ class PodBuilder:
 
     @staticmethod
     def _map_path(value: str, mounts: dict[str, Path]) -> str:
-        """Replace a leading mount path in `value` by the local folder of that mount."""
+        """Replace a leading mount path in `value` by the local folder of that mount.
+
+        A path below a mount that already exists on this machine is kept: it names a host file
+        (this checkout under /tmp, say, where the chart mounts an emptyDir), not one the pod
+        would find in its volume.
+        """
         for mount_path in sorted(mounts, key=len, reverse=True):
-            if value == mount_path or value.startswith(mount_path + "/"):
+            if value == mount_path:
+                return str(mounts[mount_path])
+            if value.startswith(mount_path + "/"):
+                if Path(value).exists():
+                    return value
                 return str(mounts[mount_path]) + value[len(mount_path):]
         return value
 

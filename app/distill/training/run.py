@@ -196,14 +196,13 @@ def run_training(config: Config, config_path: str | None = None) -> int:
     from distill.flops import ModelShape, peak_flops_per_chip, student_shape, training_flops_per_token
     from distill.metrics import TrainingMetrics, WorkerIdentity
     from distill.models import build_student, count_parameters, load_teacher, load_tokenizer
+    from distill.sharding import replicated_host_array, spread_over_mesh
     from distill.training.step import (
         build_nll_fn,
         build_train_step,
         global_batch,
         learning_rate_schedule,
         optimizer,
-        replicated_scalar,
-        spread_over_mesh,
     )
 
     training = config.training
@@ -245,7 +244,7 @@ def run_training(config: Config, config_path: str | None = None) -> int:
     # EasyDeL starts `step` as a Python int. As a weakly typed scalar it would make the second
     # call of the jitted step compile again, so it becomes an int32 replicated over the whole
     # mesh (every process's devices, as the step's sharding expects).
-    state = state.replace(step=replicated_scalar(mesh, state.step))
+    state = state.replace(step=replicated_host_array(mesh, np.asarray(state.step, dtype=np.int32)))
     state = spread_over_mesh(state, mesh)
     teacher_state = spread_over_mesh(teacher.module.to_state(), mesh)
     del student
@@ -430,10 +429,11 @@ def run_training(config: Config, config_path: str | None = None) -> int:
 def _log_progress(step: int, total: int, scalars: dict[str, float], window: dict[str, float]) -> None:
     seconds = max(window["seconds"], 1e-9)
     step_time = seconds / max(window["steps"], 1)
+    hidden = f" hidden={scalars['hidden_state_loss']:.4f}" if "hidden_state_loss" in scalars else ""
     logger.info(
-        "step %d/%d loss=%.4f kl=%.4f ce=%.4f tokens/s=%.0f step_time=%.2fs data_wait=%.2fs lr=%.3e grad_norm=%.3f eta=%s",
-        step, total, scalars["loss"], scalars["kl_loss"], scalars["ce_loss"], window["tokens"] / seconds, step_time,
-        window["wait"] / max(window["steps"], 1), scalars["learning_rate"], scalars["grad_norm"],
+        "step %d/%d loss=%.4f kl=%.4f ce=%.4f%s tokens/s=%.0f step_time=%.2fs data_wait=%.2fs lr=%.3e grad_norm=%.3f eta=%s",
+        step, total, scalars["loss"], scalars["kl_loss"], scalars["ce_loss"], hidden, window["tokens"] / seconds,
+        step_time, window["wait"] / max(window["steps"], 1), scalars["learning_rate"], scalars["grad_norm"],
         _format_duration((total - step) * step_time),
     )
 
