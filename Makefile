@@ -32,7 +32,7 @@ $(TOOLS_STAMP): scripts/install-helm.sh scripts/install-prometheus.sh scripts/in
 
 tools: $(STAMP) $(TOOLS_STAMP)
 
-# Distill SmolLM2-135M into a 4-layer Qwen3 student on the King James Bible (about 10 minutes
+# Distill SmolLM2-135M into a 4-layer Qwen3 student on the King James Bible (about 6 minutes
 # on 2 cores) and print held-out perplexity for both. Each run starts from scratch.
 demo: assets
 	rm -rf runs/local-cpu
@@ -49,7 +49,7 @@ lock: $(STAMP)
 schema: $(STAMP)
 	$(BIN)/python scripts/gen-values-schema.py
 
-# alpha 0.9 against alpha 0, at equal steps and equal time (about 25 minutes on 2 cores).
+# alpha 0.9 against alpha 0, at equal steps and equal time (about 15 minutes on 2 cores).
 bench: assets
 	$(BIN)/python bench/distill_vs_plain.py
 
