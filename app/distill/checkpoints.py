@@ -44,8 +44,14 @@ class CheckpointStore:
     """Lists, writes and prunes checkpoints under one local or gs:// folder."""
 
     def __init__(self, root: str, keep: int, is_writer: bool) -> None:
+        import os
+
         import fsspec
 
+        # Orbax's tensorstore writer accepts only absolute local paths, so a relative
+        # save_directory (as in the demo config) is resolved against the working directory.
+        if "://" not in root:
+            root = os.path.abspath(root)
         self.root = root.rstrip("/")
         self.keep = keep
         self.is_writer = is_writer
