@@ -126,8 +126,8 @@ def gcs_teacher(gcs_env, random_teacher):
 
 def test_train_reads_teacher_from_gcs(gcs_env, gcs_teacher, assets, tmp_path):
     # NOTE: the checkpoints stay local here. A full run saving to the emulator failed now and
-    # then with tensorstore's "Malformed StorageGeneration" on the OCDBT manifest, a gap in the
-    # emulator's generation handling; the store test above covers gs:// checkpoints.
+    # then with tensorstore's "Malformed StorageGeneration" on the OCDBT manifest, because the
+    # emulator's generation handling is incomplete. The store test above covers gs:// checkpoints.
     config = tiny_config(
         tmp_path / "checkpoints",
         teacher={"path": gcs_teacher},

@@ -1,8 +1,8 @@
 """A real few-step distillation of the SmolLM2 teacher on KJV text, as `distill train` processes.
 
-Covers: the loss falls, progress lines appear, checkpoints commit, /metrics serves the logged
-loss while the run is live, SIGTERM checkpoints and exits 76, and a restart resumes with the same
-losses as an uninterrupted run (model, optimizer and data position all restored).
+Covers: the loss falls, progress lines appear, checkpoints commit, and /metrics serves the logged
+loss while the run is live. SIGTERM checkpoints and exits 76, and a restart then reproduces the
+losses of an uninterrupted run, so model, optimizer and data position are all restored.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Command-line entrypoint: `distill train|validate|assets|local-jobset`.
 
 Heavy imports (JAX, EasyDeL, torch) happen inside the subcommands so that `distill validate`
-and `distill --help` answer in well under a second and never touch an accelerator.
+and `distill --help` return in well under a second and never touch an accelerator.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class StudentConfig(_Strict):
     rope_theta: float = Field(1_000_000.0, gt=0, description="Rotary position embedding base (unitless).")
     rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon (unitless).")
     tie_word_embeddings: bool = Field(True, description="Share the input embedding matrix with the output layer.")
-    max_position_embeddings: PositiveInt = Field(4096, description="Longest sequence the rotary tables cover (tokens).")
+    max_position_embeddings: PositiveInt = Field(4096, description="Maximum sequence length the rotary tables cover (tokens).")
     dtype: DType = Field("bfloat16", description="Compute dtype of the student.")
     param_dtype: DType = Field("float32", description="Storage dtype of the student's trainable parameters.")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import glob
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,10 @@ def _data_files(source: SourceConfig) -> list[str]:
         if "://" in pattern:
             files.append(pattern)
             continue
-        matches = sorted(glob.glob(pattern + "/*") if not glob.has_magic(pattern) and _is_dir(pattern) else glob.glob(pattern))
+        # A plain folder means every file in it.
+        if not glob.has_magic(pattern) and os.path.isdir(pattern):
+            pattern = pattern.rstrip("/") + "/*"
+        matches = sorted(glob.glob(pattern))
         if not matches:
             raise InvalidInputError(
                 f"data source {source.label!r}: no file matches {pattern!r}; check the path (relative paths start "
@@ -46,12 +50,6 @@ def _data_files(source: SourceConfig) -> list[str]:
             )
         files.extend(matches)
     return files
-
-
-def _is_dir(path: str) -> bool:
-    import os
-
-    return os.path.isdir(path)
 
 
 def open_source(source: SourceConfig, streaming: bool):
@@ -99,7 +97,7 @@ def check_source(source: SourceConfig, dataset) -> None:
         )
     if not isinstance(first[name], str):
         raise InvalidInputError(
-            f"data source {source.label!r}: field {name!r} holds {type(first[name]).__name__}, not text; "
+            f"data source {source.label!r}: field {name!r} contains {type(first[name]).__name__}, not text; "
             f"set content_field to a text field"
         )
 

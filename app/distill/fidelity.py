@@ -5,8 +5,8 @@ read silently takes a default, and the teacher becomes a different model that st
 plausible text. This check scores the same token blocks with both implementations and rejects
 the run when they disagree beyond the configured tolerance. Measured on SmolLM2-135M (fp32,
 CPU, 4 x 128 KJV tokens): a faithful conversion gives a largest logit difference of 0.4 to 0.7
-and 98-100% top-1 agreement (near-ties flip between implementations); the rotary base falling
-back to 10,000 gives differences up to 14 and about 81% agreement. The defaults (max difference
+and 98-100% top-1 agreement, because near-ties flip between implementations. The rotary base
+falling back to 10,000 gives differences up to 14 and about 81% agreement. The defaults (max difference
 2.0, agreement 0.97) sit between the two.
 """
 

@@ -14,7 +14,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ class RunTotals:
 
     tokens: int = 0
     padding_tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _prepare_environment(config: Config) -> None:
